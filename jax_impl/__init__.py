@@ -1,0 +1,1 @@
+"""JAX twin of the Transformer and LoRA (pure functions over parameter trees)."""

@@ -1,0 +1,1 @@
+"""Weight conversion between the twins and the parity ladder that compares them."""

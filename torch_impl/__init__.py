@@ -1,0 +1,1 @@
+"""PyTorch twin of the Transformer and LoRA (imperative ``nn.Module`` code)."""
