@@ -264,8 +264,7 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(
-            f"unknown {cls.__name__} fields {unknown}; valid fields are "
-            f"{sorted(known)}"
+            f"unknown {cls.__name__} fields {unknown}; valid fields are {sorted(known)}"
         )
     return cls(**data)
 

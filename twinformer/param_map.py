@@ -5,14 +5,17 @@ by its PyTorch ``state_dict`` key. The JAX twin keeps the same values in nested
 dicts with Flax's leaf names. One row per tensor says where it goes and how
 its layout changes:
 
-    torch name                                   JAX path                                   layout
-    target_embedding.weight          (V, D)      target_embedding/embedding         (V, D)  same
+    torch name (shape)                          JAX path (shape)
+    target_embedding.weight (V, D)              target_embedding/embedding (V, D)
     encoder.layers.0.self_attention.query.weight (out, in)
-                                 encoder/layers_0/self_attention/query/kernel (in, out)  transpose
-    encoder.layers.0.self_attention.query.bias   .../query/bias                          same
-    encoder.layers.0.self_attention_norm.weight  .../self_attention_norm/scale           same
-    encoder.layers.0.self_attention.query.lora_A (r, in)   .../query/lora_A  (in, r)     transpose
-    encoder.layers.0.self_attention.query.lora_B (out, r)  .../query/lora_B  (r, out)    transpose
+                                  encoder/layers_0/self_attention/query/kernel (in, out)
+    encoder.layers.0.self_attention.query.bias  .../query/bias
+    encoder.layers.0.self_attention_norm.weight .../self_attention_norm/scale
+    encoder.layers.0.self_attention.query.lora_A (R, in)   .../query/lora_A (in, R)
+    encoder.layers.0.self_attention.query.lora_B (out, R)  .../query/lora_B (R, out)
+
+Two-dimensional linear and LoRA weights are transposed; everything else keeps
+its layout.
 
 Tied tensors appear once. With ``share_embeddings`` the encoder reads
 ``target_embedding`` and no ``source_embedding`` exists; with ``tie_output`` the
@@ -150,7 +153,9 @@ def base_tensor_specs(config: ModelConfig) -> list[TensorSpec]:
             )
         )
         specs.append(
-            TensorSpec(f"{layer.path}.bias", path + ("bias",), (layer.out_features,), False)
+            TensorSpec(
+                f"{layer.path}.bias", path + ("bias",), (layer.out_features,), False
+            )
         )
     for norm in _layer_norm_names(config):
         path = jax_path(norm)
@@ -249,7 +254,10 @@ def adapter_tensor_specs(
         )
         specs.append(
             TensorSpec(
-                f"{layer.path}.lora_B", path + ("lora_B",), (layer.out_features, r), True
+                f"{layer.path}.lora_B",
+                path + ("lora_B",),
+                (layer.out_features, r),
+                True,
             )
         )
     return specs

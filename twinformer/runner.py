@@ -51,7 +51,7 @@ class Runner(Protocol):
         """Learning rate applied at the last ``train_step`` (0 before the first)."""
 
     def evaluate_loss(self, batch: Batch) -> tuple[float, int]:
-        """Return (summed training loss over non-padding tokens, token count), no dropout."""
+        """Return (summed loss over non-padding tokens, token count), dropout off."""
 
     def greedy_search(self, source_ids: np.ndarray, max_new_tokens: int) -> np.ndarray:
         """Decode greedily; (B, S) source ids -> (B, L) ids, L <= max_new_tokens.
@@ -68,7 +68,10 @@ class Runner(Protocol):
         length_penalty: float = 0.6,
         num_return: int = 1,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Decode with beam search; return ids (B, num_return, L) and scores (B, num_return)."""
+        """Decode with beam search; return ids (B, n, L) and scores (B, n).
+
+        n is ``num_return``; scores are length-penalised log-probabilities.
+        """
 
     def base_tensors(self) -> dict[str, np.ndarray]:
         """Return the base weights, checkpoint names, unmerged."""
