@@ -39,7 +39,9 @@ def test_model_config_rejects_bad_field(changes, word):
 def test_shared_embeddings_need_equal_vocabularies():
     with pytest.raises(ConfigError, match="share_embeddings"):
         ModelConfig(source_vocab_size=37, target_vocab_size=41)
-    config = ModelConfig(source_vocab_size=37, target_vocab_size=41, share_embeddings=False)
+    config = ModelConfig(
+        source_vocab_size=37, target_vocab_size=41, share_embeddings=False
+    )
     assert config.target_vocab_size == 41
 
 

@@ -120,7 +120,9 @@ def test_wrong_dtype_is_rejected(dtype):
 def test_bfloat16_is_accepted():
     specs = base_tensor_specs(CONFIG)
     tensors = random_tensors(specs)
-    tensors = {name: value.astype(ml_dtypes.bfloat16) for name, value in tensors.items()}
+    tensors = {
+        name: value.astype(ml_dtypes.bfloat16) for name, value in tensors.items()
+    }
     tree = to_tree(tensors, specs, source="model.safetensors")
     assert tree["target_embedding"]["embedding"].dtype == ml_dtypes.bfloat16
 

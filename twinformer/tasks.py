@@ -7,9 +7,9 @@ held-out pairs are drawn first and rejected from the training draw, so no
 held-out source occurs in training.
 
 ``translate`` reads ``source<TAB>target[<TAB>anything]`` lines. A source may
-have several targets (several lines with the same source); the split keeps all
-lines of one source on the same side, so validation sources are unseen, and
-``group_references`` collects every target of a source for BLEU and chrF.
+have several targets, one line each. The split keeps all lines of one source
+on the same side, so validation sources are unseen, and ``group_references``
+collects every target of a source for BLEU and chrF.
 """
 
 from __future__ import annotations
@@ -220,8 +220,8 @@ def split_pairs(
 ) -> Split:
     """Hold out a validation split of whole source sentences.
 
-    The distinct sources are shuffled by a generator seeded with ``seed``;
-    ``round(valid_fraction * sources)`` of them (at least 1, at most
+    The distinct sources are shuffled by a generator seeded with ``seed``.
+    The first ``round(valid_fraction * sources)`` of them (at least 1, at most
     ``max_valid_sources``) go to validation with all their targets. Both sides
     keep the pairs in file order.
 
