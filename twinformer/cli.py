@@ -439,11 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Passed through untouched: argparse would reject parity's own options.
         argv = ["parity", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
+    # Other libraries (JAX logs its backend search at INFO) stay at WARNING.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(message)s",
-        stream=sys.stderr,
+        level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr
     )
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         status = args.handler(args)
     except TwinformerError as error:

@@ -1,0 +1,1 @@
+"""Speed measurements of the twins; run each module with ``python -m``."""
