@@ -33,6 +33,11 @@ from twinformer.errors import ConfigError, DataError
 from twinformer.param_map import base_tensor_specs, from_tree, to_tree
 from twinformer.schedule import transformer_learning_rate
 
+# Sequence lengths are padded up to a power of two, at least this, before
+# entering a compiled function, which bounds the compilations of a run to a
+# few per axis.
+MIN_LENGTH_BUCKET = 16
+
 Tree = dict[str, Any]
 BatchArrays = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -240,7 +245,7 @@ class Runner:
         """Decode greedily; (B, S) source ids -> (B, L) ids, L <= max_new_tokens."""
         ids = decode.greedy_search(
             self.params,
-            source_ids,
+            self._pad_length(np.asarray(source_ids)),
             max_new_tokens,
             config=self.model_config,
             adapters=self.adapters,
@@ -259,7 +264,7 @@ class Runner:
         """Decode with beam search; ids (B, num_return, L), scores (B, num_return)."""
         ids, scores = decode.beam_search(
             self.params,
-            source_ids,
+            self._pad_length(np.asarray(source_ids)),
             max_new_tokens,
             beam_size,
             length_penalty,
@@ -314,9 +319,21 @@ class Runner:
                 "match and target input and output must have the same shape"
             )
         return tuple(
-            jnp.asarray(getattr(batch, name), jnp.int32)
+            jnp.asarray(self._pad_length(getattr(batch, name)), jnp.int32)
             for name in Batch.__dataclass_fields__
         )
+
+    def _pad_length(self, ids: np.ndarray) -> np.ndarray:
+        # Differs from the torch twin: jit compiles once per input shape, so
+        # lengths are rounded up to a power of two (at most max_length). The
+        # extra PAD_ID positions are masked as keys and ignored by the loss,
+        # so the results do not change.
+        length = ids.shape[1]
+        bucket = max(MIN_LENGTH_BUCKET, 1 << max(length - 1, 0).bit_length())
+        bucket = min(bucket, self.model_config.max_length)
+        if bucket <= length:
+            return ids
+        return np.pad(ids, ((0, 0), (0, bucket - length)), constant_values=PAD_ID)
 
 
 def _count(tree: Tree) -> int:

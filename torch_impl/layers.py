@@ -55,9 +55,10 @@ class Embeddings(nn.Module):
     """Token embedding times sqrt(d_model) plus position encoding (3.4, 3.5).
 
     ``weight`` (V, D) is the only parameter, so the state_dict key is
-    ``<path>.weight``. The position table is rebuilt in float64 on each call
-    and cast to the weight's dtype, so a model cast with ``.double()`` gets an
-    exact float64 table rather than an upcast float32 one.
+    ``<path>.weight``. The position table is computed in float64 once per
+    dtype and device and cast to the weight's dtype, so a model cast with
+    ``.double()`` gets an exact float64 table rather than an upcast float32
+    one. It is a plain cache, not a buffer, so it stays out of the state_dict.
     """
 
     def __init__(self, vocab_size: int, config: ModelConfig) -> None:
@@ -67,6 +68,17 @@ class Embeddings(nn.Module):
         self.max_length = config.max_length
         self.weight = nn.Parameter(torch.empty(vocab_size, config.model_dim))
         self.dropout = nn.Dropout(config.embedding_dropout)
+        self._position_tables: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def position_table(self) -> Tensor:
+        """Return the (max_length, D) position encoding in the weight's dtype."""
+        cache_key = (self.weight.dtype, self.weight.device)
+        if cache_key not in self._position_tables:
+            table = sinusoidal_position_encoding(
+                self.max_length, self.model_dim, self.weight.dtype
+            )
+            self._position_tables[cache_key] = table.to(self.weight.device)
+        return self._position_tables[cache_key]
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
         """Embed token ids that start at position ``offset``.
@@ -90,8 +102,7 @@ class Embeddings(nn.Module):
                 "a larger max_length"
             )
         tokens = nn.functional.embedding(ids, self.weight) * math.sqrt(self.model_dim)
-        table = sinusoidal_position_encoding(end, self.model_dim, self.weight.dtype)
-        positions = table[offset:].to(self.weight.device)  # (L, D)
+        positions = self.position_table()[offset:end]  # (L, D)
         return self.dropout(tokens + positions)
 
 
