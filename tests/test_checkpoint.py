@@ -184,7 +184,7 @@ def test_load_run_missing_directory_mentions_incomplete(tmp_path):
     [
         (checkpoint.MODEL_FILE, "model.safetensors: file not found"),
         (checkpoint.TOKENIZER_FILE, "tokenizer.json not found"),
-        (checkpoint.CONFIG_FILE, "config.json: file not found"),
+        (checkpoint.CONFIG_FILE, "is not a run directory: it has no config.json"),
         (checkpoint.ADAPTER_FILE, "adapter.safetensors: file not found"),
     ],
 )
@@ -211,3 +211,12 @@ def test_load_run_bad_format_version(tmp_path):
     (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="format_version 99"):
         checkpoint.load_run(tmp_path)
+
+
+def test_written_files_follow_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        checkpoint.write_json(tmp_path / "config.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644

@@ -245,6 +245,27 @@ def test_init_from_size_conflict(reverse_run, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--lora-rank", "0"], "--lora-rank must be a positive integer, got 0"),
+        (["--lora-rank", "2", "--lora-targets", ","], "--lora-targets is empty"),
+        (["--lora-rank", "2", "--lora-targets", "attn"], "'attn' matches no"),
+        (["--lora-rank", "15"], "LoRA rank 15 exceeds min(in, out) = 14"),
+    ],
+)
+def test_bad_lora_options(reverse_run, tmp_path, capsys, options, message):
+    status, _, err = _run(
+        capsys, "train", "--framework", "torch", "--task", "sort",
+        "--init-from", reverse_run, "--steps", "2", *options,
+        "--out", tmp_path / "lora",
+    )  # fmt: skip
+    assert status == 2
+    assert message in err
+    assert not (tmp_path / "lora").exists()
+    assert not (tmp_path / "lora.incomplete").exists()
+
+
 def test_merge_plain_run_rejected(reverse_run, tmp_path, capsys):
     status, _, err = _run(capsys, "merge", reverse_run, "--out", tmp_path / "m")
     assert status == 2

@@ -50,6 +50,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp creates the file with mode 0600; give it the mode an ordinary
+        # open() would, so that a run directory is as readable as its folder.
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -58,6 +61,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    # os.umask can only be read by setting it, so set it back at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -348,6 +358,11 @@ def load_run(directory: str | os.PathLike) -> RunFiles:
         if directory.with_name(directory.name + INCOMPLETE_SUFFIX).exists():
             hint = " (an unfinished run exists beside it with the suffix .incomplete)"
         raise CheckpointError(f"run directory {directory} not found{hint}")
+    if not (directory / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{directory} is not a run directory: it has no {CONFIG_FILE}; pass a "
+            "directory written by `twinformer train` or `twinformer merge`"
+        )
     config = read_json(directory / CONFIG_FILE)
     if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(

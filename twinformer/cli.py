@@ -231,6 +231,15 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
 def _lora_config(args: argparse.Namespace) -> LoraConfig | None:
     if args.lora_rank is None:
         return None
+    if args.lora_rank < 1:
+        raise ConfigError(
+            f"--lora-rank must be a positive integer, got {args.lora_rank}"
+        )
+    if not args.lora_targets.strip(" ,"):
+        raise ConfigError(
+            "--lora-targets is empty; give comma-separated names such as "
+            "query,value, or 'all'"
+        )
     return LoraConfig(
         rank=args.lora_rank,
         alpha=args.lora_alpha,
@@ -330,7 +339,8 @@ def _command_translate(args: argparse.Namespace) -> None:
     for number, ids in enumerate(sources, start=1):
         if model.tokenizer.count_unknown(ids):
             logger.warning(
-                "input %d has characters outside the vocabulary; they encode to <unk>",
+                "input %d has text outside the tokenizer's vocabulary; it encodes "
+                "to <unk>",
                 number,
             )
     decoded = decode_ids(model.runner, sources, args.beam_size, args.max_length)

@@ -208,7 +208,10 @@ def _parse_tsv_line(path: Path, number: int, line: bytes) -> Pair:
     source, target = (side.strip() for side in text.split("\t")[:2])
     if not source or not target:
         side = "source" if not source else "target"
-        raise DataError(f"{path}, line {number}: empty {side}")
+        raise DataError(
+            f"{path}, line {number}: empty {side}; every line needs text on both "
+            "sides of the tab, so fill it in or remove the line"
+        )
     return source, target
 
 

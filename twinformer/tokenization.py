@@ -81,8 +81,8 @@ class Tokenizer:
         """
         if not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
             raise ConfigError(
-                f"vocab_size must be an integer above {len(SPECIAL_TOKENS)}, "
-                f"got {vocab_size!r}"
+                "vocab_size (--vocab-size) must be an integer above "
+                f"{len(SPECIAL_TOKENS)}, got {vocab_size!r}"
             )
         backend = tokenizers.Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS[UNK_ID]))
         backend.normalizer = normalizers.NFC()
