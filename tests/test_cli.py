@@ -325,3 +325,50 @@ def test_help_does_not_import_jax():
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_lora_option_without_rank(tmp_path, capsys):
+    status, _, err = _run(
+        capsys, "train", *TINY, "--task", "copy", "--lora-alpha", "4", "--rslora",
+        "--out", tmp_path / "run",
+    )  # fmt: skip
+    assert status == 2
+    assert "--lora-alpha, --rslora given without --lora-rank" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_out_is_user_error(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    status, _, err = _run(
+        capsys, "train", *TINY, "--task", "copy", "--out", blocker / "run"
+    )
+    assert status == 2
+    assert "Not a directory" in err
+    assert "Traceback" not in err
+
+
+def test_evaluate_json_folder_checked_first(reverse_run, tmp_path, capsys):
+    report = tmp_path / "absent" / "scores.json"
+    status, stdout, err = _run(capsys, "evaluate", reverse_run, "--json", report)
+    assert status == 2
+    assert "does not exist" in err
+    assert stdout == ""
+
+
+def test_translate_stdin_dash_must_be_alone(reverse_run, capsys):
+    status, _, err = _run(capsys, "translate", reverse_run, "-", "1 2")
+    assert status == 2
+    assert "must be the only TEXT argument" in err
+
+
+def test_interrupt_exits_130_without_traceback(monkeypatch, capsys):
+    import twinformer.training
+
+    def interrupted(request):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(twinformer.training, "train_run", interrupted)
+    status, _, err = _run(capsys, "train", *TINY, "--task", "copy", "--out", "x")
+    assert status == 130
+    assert "interrupted" in err

@@ -63,9 +63,10 @@ def test_encode_pairs_skip_long_counts():
 
 
 def test_encode_sources_errors():
-    with pytest.raises(DataError, match="input 1 is empty"):
+    # Inputs are numbered from 1, as the command line's messages are.
+    with pytest.raises(DataError, match="input 2 is empty"):
         encode_sources(["1", "  "], TOKENIZER, max_length=7)
-    with pytest.raises(DataError, match="input 0 has 8 tokens"):
+    with pytest.raises(DataError, match="input 1 has 8 tokens"):
         encode_sources(["1 " * 8], TOKENIZER, max_length=7)
 
 

@@ -41,6 +41,8 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     seed=0,
 )
 EXIT_USER_ERROR = 2
+# The shell's status for a process ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -185,18 +187,15 @@ def _add_lora_options(parser: argparse.ArgumentParser) -> None:
     add(
         "--lora-alpha",
         type=float,
-        default=16.0,
         help="adapter update scale alpha; the update is (alpha / r) B A x (default 16)",
     )
     add(
         "--lora-targets",
-        default="query,value",
         help="comma-separated linear layers to adapt, or 'all' (default query,value)",
     )
     add(
         "--lora-dropout",
         type=float,
-        default=0.0,
         help="dropout probability on the adapter input (default 0)",
     )
     add(
@@ -232,21 +231,41 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _lora_config(args: argparse.Namespace) -> LoraConfig | None:
     if args.lora_rank is None:
+        given = [
+            option
+            for option, value in (
+                ("--lora-alpha", args.lora_alpha),
+                ("--lora-targets", args.lora_targets),
+                ("--lora-dropout", args.lora_dropout),
+                ("--rslora", args.rslora or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} given without --lora-rank; add --lora-rank R "
+                "to train LoRA adapters, or drop these options to train every "
+                "parameter"
+            )
         return None
     if args.lora_rank < 1:
         raise ConfigError(
             f"--lora-rank must be a positive integer, got {args.lora_rank}"
         )
-    if not args.lora_targets.strip(" ,"):
+    defaults = LoraConfig()
+    targets = args.lora_targets
+    if targets is None:
+        targets = ",".join(defaults.targets)
+    if not targets.strip(" ,"):
         raise ConfigError(
             "--lora-targets is empty; give comma-separated names such as "
             "query,value, or 'all'"
         )
     return LoraConfig(
         rank=args.lora_rank,
-        alpha=args.lora_alpha,
-        targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-        dropout=args.lora_dropout,
+        alpha=defaults.alpha if args.lora_alpha is None else args.lora_alpha,
+        targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+        dropout=defaults.dropout if args.lora_dropout is None else args.lora_dropout,
         use_rslora=args.rslora,
     )
 
@@ -281,7 +300,20 @@ def _command_train(args: argparse.Namespace) -> None:
     print(format_scores(summary))
 
 
+def _check_output_file(path: Path | None, option: str) -> None:
+    """Fail before any work when ``path`` cannot be written as a file."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"{option} {path}: folder {path.parent} does not exist; create it first"
+        )
+
+
 def _command_evaluate(args: argparse.Namespace) -> None:
+    _check_output_file(args.json and Path(args.json), "--json")
     from twinformer.checkpoint import atomic_write_text
     from twinformer.tasks import read_tsv
     from twinformer.training import (
@@ -313,6 +345,11 @@ def _check_beam_size(beam_size: int) -> None:
 def _read_inputs(texts: list[str]) -> list[str]:
     if texts == ["-"]:
         texts = [line.rstrip("\r\n") for line in sys.stdin]
+    elif "-" in texts:
+        raise ConfigError(
+            "- (read standard input) must be the only TEXT argument; give either "
+            "texts or -"
+        )
     for number, text in enumerate(texts, start=1):
         if not text.strip():
             raise ConfigError(
@@ -357,6 +394,7 @@ def _command_merge(args: argparse.Namespace) -> None:
 
 
 def _command_plot(args: argparse.Namespace) -> None:
+    _check_output_file(Path(args.out), "--out")
     from twinformer.plotting import plot_runs
 
     plot_runs(args.run_dirs, args.out)
@@ -461,6 +499,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TwinformerError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as error:
+        # A path the user gave cannot be written or read (a missing folder,
+        # a file where a folder is expected, no permission).
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; no unfinished output was kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return int(status or 0)
 
 

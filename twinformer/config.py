@@ -238,6 +238,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "warmup_steps", "eval_every"):
             _require_positive_int(name, getattr(self, name))
         _require_positive_int("eval_examples", self.eval_examples)
+        _require(
+            isinstance(self.seed, int) and 0 <= self.seed < 2**32,
+            f"seed must be an integer in [0, 2**32), got {self.seed!r}",
+        )
         _require(self.lr_scale > 0, f"lr_scale must be positive, got {self.lr_scale}")
         _require(
             0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,

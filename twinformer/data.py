@@ -105,10 +105,10 @@ def encode_sources(
 
     Raises:
         DataError: a text is empty or longer than ``max_length`` tokens; the
-            message names the input (counted from 0).
+            message names the input (counted from 1).
     """
     encoded = []
-    for index, ids in enumerate(tokenizer.encode_batch(list(texts))):
+    for index, ids in enumerate(tokenizer.encode_batch(list(texts)), start=1):
         if not ids:
             raise DataError(f"input {index} is empty; give a non-empty text")
         if len(ids) > max_length:
