@@ -12,8 +12,11 @@ as skipped; every other check still runs.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import math
+import multiprocessing
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -120,7 +123,10 @@ def check_lora_rank(rank: int) -> None:
 
 
 def run_ladder(
-    dtypes: tuple[str, ...], lora_rank: int, rungs: set[int] | None = None
+    dtypes: tuple[str, ...],
+    lora_rank: int,
+    rungs: set[int] | None = None,
+    parallel: bool = False,
 ) -> tuple[list[Result], list[tuple[int, str, str]]]:
     """Run the checks of the ladder for each dtype.
 
@@ -128,25 +134,70 @@ def run_ladder(
         dtypes: "float64" and/or "float32".
         lora_rank: adapter rank of the LoRA checks; 0 skips them.
         rungs: the rungs to run; ``None`` runs all.
+        parallel: run every dtype after the first in a child process, so
+            that two tiers use two cores. Most of a tier's time is XLA
+            compiling on one core.
 
     Returns:
         The results, and (rung, check, dtype) of every check skipped because
-        ``lora_rank`` is 0.
+        ``lora_rank`` is 0, in the order of ``dtypes``.
     """
+    if not parallel or len(dtypes) < 2:
+        results: list[Result] = []
+        skipped: list[tuple[int, str, str]] = []
+        for dtype in dtypes:
+            tier_results, tier_skipped = _run_tier(dtype, lora_rank, rungs, None)
+            results += tier_results
+            skipped += tier_skipped
+        return results, skipped
+
+    import jax
+
+    x64 = bool(jax.config.read("jax_enable_x64"))
+    # "spawn" starts a fresh interpreter: forking a process that has started
+    # JAX's thread pools can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=len(dtypes) - 1, mp_context=context
+    ) as pool:
+        futures = [
+            pool.submit(_run_tier, dtype, lora_rank, rungs, x64) for dtype in dtypes[1:]
+        ]
+        results, skipped = _run_tier(dtypes[0], lora_rank, rungs, None)
+        for future in futures:
+            tier_results, tier_skipped = future.result()
+            results += tier_results
+            skipped += tier_skipped
+    return results, skipped
+
+
+def _run_tier(
+    dtype: str, lora_rank: int, rungs: set[int] | None, x64: bool | None
+) -> tuple[list[Result], list[tuple[int, str, str]]]:
+    if x64 is not None:
+        import jax
+
+        # A child process must match the parent's x64 mode before computing.
+        jax.config.update("jax_enable_x64", x64)
     from parity.ladder import CHECKS, Fixture, run_check
 
     results: list[Result] = []
     skipped: list[tuple[int, str, str]] = []
-    for dtype in dtypes:
-        fixture = Fixture(dtype, lora_rank)
-        for check in CHECKS:
-            if rungs is not None and check.rung not in rungs:
-                continue
-            if check.uses_lora and lora_rank == 0:
-                skipped.append((check.rung, check.name, dtype))
-                continue
-            results += run_check(check, fixture, catch=True)
+    fixture = Fixture(dtype, lora_rank)
+    for check in CHECKS:
+        if rungs is not None and check.rung not in rungs:
+            continue
+        if check.uses_lora and lora_rank == 0:
+            skipped.append((check.rung, check.name, dtype))
+            continue
+        results += run_check(check, fixture, catch=True)
     return results, skipped
+
+
+def _available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _check_rows(results: list[Result]) -> list[list[str]]:
@@ -230,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     check_lora_rank(args.lora_rank)
 
     rungs = set(args.rung) if args.rung else None
-    results, skipped = run_ladder(dtypes, args.lora_rank, rungs)
+    parallel = _available_cores() > 1
+    results, skipped = run_ladder(dtypes, args.lora_rank, rungs, parallel)
     failed = sum(not result.passed for result in results)
     passed = len(results) - failed
     print(format_table(results, skipped))
