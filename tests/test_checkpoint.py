@@ -220,3 +220,10 @@ def test_written_files_follow_umask(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_load_run_on_a_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is a file, not a run directory"):
+        checkpoint.load_run(path)

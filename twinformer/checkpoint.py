@@ -353,6 +353,11 @@ def load_run(directory: str | os.PathLike) -> RunFiles:
         CheckpointError: naming the missing or mismatched file or tensor.
     """
     directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(
+            f"{directory} is a file, not a run directory; pass the directory that "
+            "`twinformer train` wrote"
+        )
     if not directory.is_dir():
         hint = ""
         if directory.with_name(directory.name + INCOMPLETE_SUFFIX).exists():
