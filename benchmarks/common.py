@@ -295,6 +295,27 @@ def print_machine(info: dict[str, Any]) -> None:
     print(f"command: {info['command']}")
 
 
+def print_candidates(
+    candidates: dict[str, Any], time_key: str, time_label: str
+) -> None:
+    """Print one row per candidate: median time in ms, tokens/s, spread, compile s."""
+    rows = []
+    for name, result in candidates.items():
+        spread = result["repeat_tokens_per_s"]
+        compile_s = result.get("compile_s")
+        rows.append(
+            (
+                name,
+                result[time_key] * 1e3,
+                result["tokens_per_s"],
+                f"{min(spread):,.0f}-{max(spread):,.0f}",
+                "-" if compile_s is None else f"{compile_s:.2f}",
+            )
+        )
+    headers = ("candidate", time_label, "tokens/s", "repeat range", "compile s")
+    print_table(headers, rows)
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Print rows as left-aligned text columns under a header line."""
     cells = [[str(c) for c in headers]] + [[_cell(c) for c in row] for row in rows]

@@ -34,8 +34,8 @@ from benchmarks.common import (
     add_common_arguments,
     limit_cores,
     machine_info,
+    print_candidates,
     print_machine,
-    print_table,
     random_batch,
     selected_sizes,
     time_interleaved,
@@ -155,20 +155,7 @@ def print_size(size: Size, record: dict[str, Any]) -> None:
         f"\n{size.describe()}; {record['new_tokens']} new tokens per row, "
         f"{record['tokens_per_call']} per call"
     )
-    rows = []
-    for name, result in record["candidates"].items():
-        spread = result["repeat_tokens_per_s"]
-        compile_s = result.get("compile_s")
-        rows.append(
-            (
-                name,
-                result["median_call_s"] * 1e3,
-                result["tokens_per_s"],
-                f"{min(spread):,.0f}-{max(spread):,.0f}",
-                "-" if compile_s is None else f"{compile_s:.2f}",
-            )
-        )
-    print_table(("candidate", "call ms", "tokens/s", "repeat range", "compile s"), rows)
+    print_candidates(record["candidates"], "median_call_s", "call ms")
     ratios = record["ratios"]
     print(
         f"ratios: cache/no cache torch {ratios['torch_cache_speedup']:.2f}, "

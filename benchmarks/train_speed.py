@@ -34,8 +34,8 @@ from benchmarks.common import (
     add_common_arguments,
     limit_cores,
     machine_info,
+    print_candidates,
     print_machine,
-    print_table,
     random_batch,
     selected_sizes,
     time_interleaved,
@@ -190,20 +190,7 @@ def measure_size(size: Size, args: argparse.Namespace) -> dict[str, Any]:
 
 def print_size(size: Size, record: dict[str, Any]) -> None:
     print(f"\n{size.describe()}; {record['tokens_per_step']} target tokens per step")
-    rows = []
-    for name, result in record["candidates"].items():
-        spread = result["repeat_tokens_per_s"]
-        compile_s = result.get("compile_s")
-        rows.append(
-            (
-                name,
-                result["median_step_s"] * 1e3,
-                result["tokens_per_s"],
-                f"{min(spread):,.0f}-{max(spread):,.0f}",
-                "-" if compile_s is None else f"{compile_s:.2f}",
-            )
-        )
-    print_table(("candidate", "step ms", "tokens/s", "repeat range", "compile s"), rows)
+    print_candidates(record["candidates"], "median_step_s", "step ms")
     ratios = record["ratios"]
     print(
         f"ratios: twin/nn.Transformer {ratios['twin_over_nn_transformer']:.2f} "

@@ -1017,7 +1017,7 @@ def _jax_optimizer_state(
 
 
 def _adam_moment(opt_state: Any, name: str) -> Any:
-    # The single ScaleByAdamState inside the optax chain holds mu and nu.
+    # The single ScaleByAdamState inside the optax chain contains mu and nu.
     return optax.tree_utils.tree_get(opt_state, name)
 
 

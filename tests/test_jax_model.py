@@ -78,7 +78,8 @@ def test_init_params_distributions():
         jnp.all(params["encoder"]["layers_0"]["feed_forward"]["hidden"]["bias"] == 0)
     )
     norm = params["decoder"]["layers_1"]["cross_attention_norm"]
-    assert bool(jnp.all(norm["scale"] == 1)) and bool(jnp.all(norm["bias"] == 0))
+    assert bool(jnp.all(norm["scale"] == 1))
+    assert bool(jnp.all(norm["bias"] == 0))
 
 
 def test_sinusoidal_position_encoding_sin_even_cos_odd():

@@ -26,9 +26,9 @@ FRAMEWORKS = ("torch", "jax")
 # Defaults of `twinformer train`, chosen so that the small preset learns the
 # reverse task to exact match >= 0.95 within minutes on a CPU. Measured with
 # the torch twin on a 2-core Xeon: at 1500 steps seed 0 reached 0.977 with two
-# threads but 0.938 with one (another summation order), so the default is 2000
-# steps, where one thread reached 0.988 (seed 0, 99 s) and 0.996 (seed 1,
-# 109 s). The JAX twin reached 0.992 at 1500 steps.
+# threads but 0.938 with one, because the summation order differs. At 2000
+# steps one thread reached 0.988 (seed 0, 99 s) and 0.996 (seed 1, 109 s).
+# The JAX twin reached 0.992 at 1500 steps.
 TRAIN_DEFAULTS: dict[str, Any] = dict(
     steps=2000,
     batch_size=64,

@@ -66,7 +66,7 @@ class ModelConfig:
     ff_dim: int = 2048
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
-    # Longest sequence, in tokens with BOS/EOS, that the position table covers.
+    # Maximum sequence length, in tokens with BOS/EOS, that the position table covers.
     max_length: int = 256
     # P_drop on each sub-layer output before the residual add (0.1 in the paper).
     dropout: float = 0.1
@@ -167,7 +167,7 @@ class LoraConfig:
     # Patterns naming the linear layers to adapt; see
     # twinformer.param_map.match_lora_targets for the syntax.
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    # Dropout on the adapter's input x only; the frozen path sees x unchanged.
+    # Dropout on the adapter's input x only; the frozen path receives x unchanged.
     dropout: float = 0.0
     # rsLoRA (Kalajdzievski 2023): scale by alpha / sqrt(r), which keeps the
     # update's magnitude stable as the rank grows.

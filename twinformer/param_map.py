@@ -2,7 +2,7 @@
 
 A checkpoint (``model.safetensors``, ``adapter.safetensors``) names each tensor
 by its PyTorch ``state_dict`` key. The JAX twin keeps the same values in nested
-dicts with Flax's leaf names. One row per tensor says where it goes and how
+dicts with Flax's leaf names. One row per tensor gives where it goes and how
 its layout changes:
 
     torch name (shape)                          JAX path (shape)
