@@ -10,7 +10,8 @@ Shapes: B batch, S source length, N beam size, L generated length,
 V vocabulary.
 
 Both functions leave the train/eval mode alone; call ``model.eval()`` first
-so that dropout is off.
+so that dropout is off. They run under ``torch.inference_mode``, which skips
+autograd's bookkeeping; the ids they return are ordinary integer tensors.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def reorder_cache(cache: DecodeCache, indices: Tensor) -> None:
         entry["value"] = entry["value"].index_select(0, indices)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_search(
     model: Transformer,
     source_ids: Tensor,
@@ -107,17 +108,20 @@ def greedy_search(
     memory = model.encode(source_ids)
     cache = model.init_cache(memory, max_new_tokens) if use_cache else None
     batch = source_ids.shape[0]
-    prefix = source_ids.new_full((batch, 1), BOS_ID)
+    # BOS, then room for every new id: (B, 1 + max_new_tokens).
+    ids = source_ids.new_full((batch, 1 + max_new_tokens), PAD_ID)
+    ids[:, 0] = BOS_ID
     done = torch.zeros(batch, dtype=torch.bool, device=source_ids.device)
 
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        prefix = ids[:, : step + 1]
         logits = next_token_logits(model, prefix, memory, source_ids, cache)
         token = logits.argmax(dim=-1).masked_fill(done, PAD_ID)  # (B,)
-        prefix = torch.cat([prefix, token[:, None]], dim=1)
+        ids[:, step + 1] = token
         done = done | (token == EOS_ID)
         if bool(done.all()):
             break
-    return prefix[:, 1:]
+    return ids[:, 1 : step + 2]
 
 
 def length_penalty_factor(length: int | Tensor, alpha: float) -> float | Tensor:
@@ -125,7 +129,7 @@ def length_penalty_factor(length: int | Tensor, alpha: float) -> float | Tensor:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(
     model: Transformer,
     source_ids: Tensor,

@@ -74,10 +74,13 @@ class Embeddings(nn.Module):
         """Return the (max_length, D) position encoding in the weight's dtype."""
         cache_key = (self.weight.dtype, self.weight.device)
         if cache_key not in self._position_tables:
-            table = sinusoidal_position_encoding(
-                self.max_length, self.model_dim, self.weight.dtype
-            )
-            self._position_tables[cache_key] = table.to(self.weight.device)
+            # A table first built while decoding under inference_mode must
+            # still be usable by autograd later, so it is built outside it.
+            with torch.inference_mode(False):
+                table = sinusoidal_position_encoding(
+                    self.max_length, self.model_dim, self.weight.dtype
+                )
+                self._position_tables[cache_key] = table.to(self.weight.device)
         return self._position_tables[cache_key]
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
@@ -110,7 +113,7 @@ def check_token_ids(ids: Tensor, vocab_size: int) -> None:
     """Raise DataError when an id lies outside [0, vocab_size)."""
     if ids.numel() == 0:
         return
-    low, high = int(ids.min()), int(ids.max())
+    low, high = (int(value) for value in torch.aminmax(ids))
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise DataError(
@@ -201,7 +204,7 @@ class DecoderLayer(nn.Module):
             memory: encoder output, (B, S, D); may be ``None`` with a cache,
                 whose cross-attention keys and values were computed once.
             self_mask: causal and target padding mask, (B, 1, T, T), or
-                (B, 1, T, L) against the L cached positions.
+                (B, 1, T, P) against the P cached positions filled so far.
             cross_mask: source padding mask, (B, 1, 1, S).
             cache: ``{"self_attention": ..., "cross_attention": ...}``, each
                 ``{"key", "value"}`` of (B, H, L or S, E); updated in place.

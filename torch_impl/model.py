@@ -265,14 +265,18 @@ class Transformer(nn.Module):
             return causal_mask(positions, length) & padding_mask(target_input_ids)
 
         # With a cache: the new ids join the cached ids, and the mask runs
-        # over all L cached positions, (B, 1, T, L).
+        # over the positions filled so far, (B, 1, T, start + T).
         start = cache["position"]
+        end = start + length
         key_ids = cache["target_ids"]
-        if start + length > key_ids.shape[1]:
+        if end > key_ids.shape[1]:
             raise DataError(
                 f"cache has room for {key_ids.shape[1]} positions, but decoding needs "
-                f"{start + length}; build the cache with a larger max_length"
+                f"{end}; build the cache with a larger max_length"
             )
-        key_ids[:, start : start + length] = target_input_ids
-        positions = torch.arange(start, start + length, device=key_ids.device)
-        return causal_mask(positions, key_ids.shape[1]) & padding_mask(key_ids)
+        key_ids[:, start:end] = target_input_ids
+        if length == 1:
+            # One new id sees every filled position; no causal part is needed.
+            return padding_mask(key_ids[:, :end])
+        positions = torch.arange(start, end, device=key_ids.device)
+        return causal_mask(positions, end) & padding_mask(key_ids[:, :end])
