@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -10,6 +11,45 @@ import torch_impl.attention
 from parity import report
 from parity.ladder import CHECKS, Fixture, run_check
 from twinformer.errors import LoraError
+
+use_fast_compilation = report.use_fast_compilation
+
+
+@pytest.fixture(autouse=True)
+def _keep_xla_flags(monkeypatch):
+    # main() adds a compile flag to XLA_FLAGS for the process it runs in; a
+    # test must not pass it on to the JAX start of the rest of the session.
+    monkeypatch.setattr(report, "use_fast_compilation", lambda: None)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (None, report.FAST_COMPILE_FLAG),
+        ("--xla_dump_to=dumps", "--xla_dump_to=dumps " + report.FAST_COMPILE_FLAG),
+        # A level chosen by the user is kept.
+        (
+            "--xla_backend_optimization_level=3",
+            "--xla_backend_optimization_level=3",
+        ),
+    ],
+)
+def test_fast_compilation_flag(monkeypatch, before, after):
+    monkeypatch.setattr(report, "_jax_backends_started", lambda: False)
+    if before is None:
+        monkeypatch.delenv("XLA_FLAGS", raising=False)
+    else:
+        monkeypatch.setenv("XLA_FLAGS", before)
+    use_fast_compilation()
+    assert os.environ["XLA_FLAGS"] == after
+
+
+def test_fast_compilation_flag_too_late_is_not_added(monkeypatch):
+    # XLA has read its flags once JAX's backends run; adding one would mislead.
+    monkeypatch.setattr(report, "_jax_backends_started", lambda: True)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    use_fast_compilation()
+    assert "XLA_FLAGS" not in os.environ
 
 
 def test_report_rung_passes(capsys, tmp_path):
