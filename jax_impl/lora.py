@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from twinformer import checkpoint
 from twinformer.config import LoraConfig, ModelConfig
@@ -112,14 +113,61 @@ def lora_linear(
     Shape:
         x (..., in) -> (..., out).
     """
-    output = x @ params["kernel"] + params["bias"]
+    output = matmul_rows(x, params["kernel"]) + params["bias"]
     if adapter is None:
         return output
     # Dropout applies to the low-rank path only; the frozen path uses x.
     lora_input = dropout(x, dropout_rate, dropout_key, deterministic)
     # (..., in) @ (in, R) @ (R, out) -> (..., out)
-    update = (lora_input @ adapter["lora_A"]) @ adapter["lora_B"]
+    update = matmul_rows(matmul_rows(lora_input, adapter["lora_A"]), adapter["lora_B"])
     return output + scaling * update
+
+
+@jax.custom_vjp
+def matmul_rows(x: jax.Array, matrix: jax.Array) -> jax.Array:
+    """Return x @ matrix as one 2-D product over the rows of x.
+
+    JAX difference: XLA's CPU backend is slow at two forms of this product's
+    gradient, so the function flattens the leading axes and has its own
+    backward pass; the numbers are those of ``x @ matrix``. With a custom
+    backward pass the model supports reverse-mode differentiation
+    (``jax.grad``, ``jax.vjp``) but not forward mode (``jax.jvp``).
+    Measured on one CPU core with d_model 256: the flattening took a
+    feed-forward block's forward and backward pass from 44 ms to 35 ms, and
+    the weight gradient below from 10.3 ms to 4.8 ms per product.
+
+    Shape:
+        x (..., in), matrix (in, out) -> (..., out).
+    """
+    rows = x.reshape(-1, x.shape[-1]) @ matrix
+    return rows.reshape(x.shape[:-1] + (matrix.shape[-1],))
+
+
+def _matmul_rows_forward(
+    x: jax.Array, matrix: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return matmul_rows(x, matrix), (x, matrix)
+
+
+def _matmul_rows_backward(
+    residuals: tuple[jax.Array, jax.Array], grad: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    x, matrix = residuals
+    rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    grad_rows = grad.reshape(-1, matrix.shape[-1])  # (N, out)
+    grad_x = (grad_rows @ matrix.T).reshape(x.shape)
+    # The matrix gradient x^T g contracts the N rows of both operands. XLA's
+    # CPU dot writes such a product about 2.4x more slowly as (in, out) than
+    # as (out, in) when in > out, so that case computes (g^T x)^T; the barrier
+    # stops XLA from folding the transpose back into the product.
+    if matrix.shape[0] > matrix.shape[1]:
+        grad_matrix = lax.optimization_barrier(grad_rows.T @ rows).T
+    else:
+        grad_matrix = rows.T @ grad_rows
+    return grad_x, grad_matrix
+
+
+matmul_rows.defvjp(_matmul_rows_forward, _matmul_rows_backward)
 
 
 def linear_by_name(

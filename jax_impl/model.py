@@ -41,7 +41,7 @@ from jax import lax
 
 from jax_impl.attention import project_key_value
 from jax_impl.layers import decoder_layer, embed, encoder_layer, layer_norm
-from jax_impl.lora import split_dropout_key
+from jax_impl.lora import matmul_rows, split_dropout_key
 from twinformer.config import PAD_ID, LoraConfig, ModelConfig
 from twinformer.errors import ConfigError, DataError
 from twinformer.param_map import TensorSpec, base_tensor_specs
@@ -426,8 +426,8 @@ def output_logits(params: Tree, x: jax.Array, config: ModelConfig) -> jax.Array:
     """
     if config.tie_output:
         # x E^T with the target embedding matrix E (V, D).
-        return jnp.einsum("btd,vd->btv", x, params["target_embedding"]["embedding"])
-    return x @ params["output_projection"]["kernel"]
+        return matmul_rows(x, params["target_embedding"]["embedding"].T)
+    return matmul_rows(x, params["output_projection"]["kernel"])
 
 
 def forward(

@@ -13,6 +13,7 @@ from jax_impl.lora import (
     init_lora,
     load_adapter,
     lora_linear,
+    matmul_rows,
     merge_lora,
     save_adapter,
     unmerge_lora,
@@ -101,6 +102,31 @@ def test_lora_linear_matches_formula():
     kernel = layer["kernel"] + 1.5 * adapter["lora_A"] @ adapter["lora_B"]
     # float64; the merged kernel sums in another order (~1e-16 per term).
     np.testing.assert_allclose(got, x @ kernel + layer["bias"], atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "matrix_shape",
+    # in > out takes the transposed weight gradient; in < out the direct one.
+    [(7, 5), (5, 7)],
+)
+def test_matmul_rows_gradients_match_matmul(matrix_shape):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 11, matrix_shape[0])))
+    matrix = jnp.asarray(rng.normal(size=matrix_shape))
+    weights = jnp.asarray(rng.normal(size=(2, 11, matrix_shape[1])))
+
+    def loss(product):
+        return lambda x, matrix: jnp.sum(product(x, matrix) * weights)
+
+    got = jax.grad(loss(matmul_rows), argnums=(0, 1))(x, matrix)
+    want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, matrix)
+    np.testing.assert_array_equal(
+        matmul_rows(x, matrix).shape, (2, 11, matrix_shape[1])
+    )
+    for got_grad, want_grad in zip(got, want, strict=True):
+        assert got_grad.shape == want_grad.shape
+        # float64; the same products, summed in another order (~1e-16 each).
+        np.testing.assert_allclose(got_grad, want_grad, rtol=0, atol=1e-12)
 
 
 def test_fresh_adapter_leaves_output_unchanged(params, run):
