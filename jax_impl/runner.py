@@ -42,8 +42,8 @@ Tree = dict[str, Any]
 
 # The PRNG of the dropout keys. A mid-sized training step draws millions of
 # dropout bits. JAX's default, threefry2x32, runs as a rolled loop on the
-# CPU, and 22 dropout masks of (32, 32, 256) took 83 ms there; Philox, the
-# generator torch uses on CUDA, took 19 ms. Initialisation keeps the default.
+# CPU, where 22 dropout masks of (32, 32, 256) took 83 ms. Philox (also the
+# family of torch's CUDA generator) took 19 ms. Initialisation keeps threefry.
 DROPOUT_PRNG = "philox2x32"
 BatchArrays = tuple[jax.Array, jax.Array, jax.Array]
 

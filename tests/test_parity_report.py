@@ -17,8 +17,8 @@ use_fast_compilation = report.use_fast_compilation
 
 @pytest.fixture(autouse=True)
 def _keep_xla_flags(monkeypatch):
-    # main() adds a compile flag to XLA_FLAGS for the process it runs in; a
-    # test must not pass it on to the JAX start of the rest of the session.
+    # main() adds a compile flag to XLA_FLAGS, and JAX would apply it to the
+    # rest of the test session if it started after this test.
     monkeypatch.setattr(report, "use_fast_compilation", lambda: None)
 
 

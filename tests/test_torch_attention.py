@@ -182,8 +182,8 @@ def test_multi_head_attention_cache_matches_full():
     causal = torch.ones(KEYS, KEYS, dtype=torch.bool).tril()[None, None]
     full = module(x, x, causal)
 
-    # Feed positions one at a time; each query attends to the t + 1 keys
-    # written so far, which is all the cache returns at step t.
+    # Feed positions one at a time. At step t the cache returns the t + 1
+    # keys written so far, so the mask covers those.
     shape = (BATCH, HEADS, KEYS, HEAD_DIM)
     cache = {"key": x.new_zeros(shape), "value": x.new_zeros(shape)}
     steps = [

@@ -276,7 +276,7 @@ class Transformer(nn.Module):
             )
         key_ids[:, start:end] = target_input_ids
         if length == 1:
-            # One new id sees every filled position; no causal part is needed.
+            # A single new id may attend to every filled position: no causal mask.
             return padding_mask(key_ids[:, :end])
         positions = torch.arange(start, end, device=key_ids.device)
         return causal_mask(positions, end) & padding_mask(key_ids[:, :end])
