@@ -33,10 +33,21 @@ from twinformer.errors import ConfigError, DataError
 from twinformer.param_map import base_tensor_specs, from_tree, to_tree
 from twinformer.schedule import transformer_learning_rate
 
-# Sequence lengths are padded up to a power of two, at least this, before
-# entering a compiled function, which bounds the compilations of a run to a
-# few per axis.
-MIN_LENGTH_BUCKET = 16
+# Sequence lengths are padded up to the next of 8, 12, 16, 24, 32, 48, ...
+# (powers of two and 1.5 times powers of two) before entering a compiled
+# function. That bounds the compilations of a run to a few per axis, and
+# above 8 a padded length is less than 1.5 times the length itself.
+MIN_LENGTH_BUCKET = 8
+
+
+def length_bucket(length: int) -> int:
+    """Return the smallest of 8, 12, 16, 24, 32, 48, ... that is >= ``length``."""
+    bucket = MIN_LENGTH_BUCKET
+    while bucket < length:
+        is_power_of_two = bucket & (bucket - 1) == 0
+        bucket = bucket * 3 // 2 if is_power_of_two else bucket * 4 // 3
+    return bucket
+
 
 Tree = dict[str, Any]
 
@@ -330,12 +341,11 @@ class Runner:
 
     def _pad_length(self, ids: np.ndarray) -> np.ndarray:
         # Differs from the torch twin: jit compiles once per input shape, so
-        # lengths are rounded up to a power of two (at most max_length). The
-        # extra PAD_ID positions are masked as keys and ignored by the loss,
-        # so the results do not change.
+        # lengths are rounded up to a bucket (at most max_length). The extra
+        # PAD_ID positions are masked as keys and ignored by the loss, so the
+        # results do not change.
         length = ids.shape[1]
-        bucket = max(MIN_LENGTH_BUCKET, 1 << max(length - 1, 0).bit_length())
-        bucket = min(bucket, self.model_config.max_length)
+        bucket = min(length_bucket(length), self.model_config.max_length)
         if bucket <= length:
             return ids
         return np.pad(ids, ((0, 0), (0, bucket - length)), constant_values=PAD_ID)

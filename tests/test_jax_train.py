@@ -16,7 +16,7 @@ import pytest
 
 from jax_impl.loss import label_smoothed_cross_entropy
 from jax_impl.optim import clip_by_global_norm, learning_rate_schedule, make_optimizer
-from jax_impl.runner import Runner
+from jax_impl.runner import Runner, length_bucket
 from twinformer.config import (
     BOS_ID,
     EOS_ID,
@@ -41,6 +41,19 @@ TINY = ModelConfig(
     dropout=0.0,
     embedding_dropout=0.0,
 )
+
+
+def test_length_bucket_series():
+    buckets = sorted({length_bucket(n) for n in range(1, 200)})
+    assert buckets == [8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+
+
+def test_length_bucket_bounds_padding():
+    for length in range(1, 1000):
+        bucket = length_bucket(length)
+        assert bucket >= length
+        if length > 8:
+            assert bucket < 1.5 * length, length
 
 
 def test_loss_matches_formula_and_ignores_padding():
