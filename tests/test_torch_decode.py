@@ -211,3 +211,20 @@ def test_greedy_rejects_bad_length():
         greedy_search(model, source, 0)
     with pytest.raises(ConfigError, match="max_new_tokens"):
         greedy_search(model, source, 17)
+
+
+def test_decoded_tensors_are_ordinary():
+    # Decoding runs under inference_mode; what it returns must still allow
+    # in-place edits, and the model must still train afterwards.
+    model, source = decode_model(), source_batch()
+    ids = greedy_search(model, source, MAX_NEW)
+    beam_ids, scores = beam_search(model, source, MAX_NEW, beam_size=2)
+    for tensor in (ids, beam_ids, scores):
+        assert not tensor.is_inference()
+    ids[ids == EOS_ID] = PAD_ID
+    beam_ids[:, :, 0] = BOS_ID
+
+    model.train()
+    logits = model(source, torch.full_like(source, BOS_ID))
+    logits.sum().backward()
+    assert model.target_embedding.weight.grad is not None

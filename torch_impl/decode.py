@@ -10,8 +10,8 @@ Shapes: B batch, S source length, N beam size, L generated length,
 V vocabulary.
 
 Both functions leave the train/eval mode alone; call ``model.eval()`` first
-so that dropout is off. They run under ``torch.inference_mode``, which skips
-autograd's bookkeeping; the ids they return are ordinary integer tensors.
+so that dropout is off. They decode under ``torch.inference_mode`` and return
+ordinary tensors.
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ def reorder_cache(cache: DecodeCache, indices: Tensor) -> None:
         entry["value"] = entry["value"].index_select(0, indices)
 
 
-@torch.inference_mode()
 def greedy_search(
     model: Transformer,
     source_ids: Tensor,
@@ -104,6 +103,19 @@ def greedy_search(
     Raises:
         ConfigError: max_new_tokens outside [1, max_length - 1].
     """
+    with torch.inference_mode():
+        ids = _greedy_search(model, source_ids, max_new_tokens, use_cache)
+    # inference_mode skips autograd's bookkeeping in the loop. A copy made
+    # outside it is an ordinary tensor, which callers may edit in place.
+    return ids.clone()
+
+
+def _greedy_search(
+    model: Transformer,
+    source_ids: Tensor,
+    max_new_tokens: int,
+    use_cache: bool = True,
+) -> Tensor:
     check_decode_request(model, source_ids, max_new_tokens)
     memory = model.encode(source_ids)
     cache = model.init_cache(memory, max_new_tokens) if use_cache else None
@@ -129,7 +141,6 @@ def length_penalty_factor(length: int | Tensor, alpha: float) -> float | Tensor:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-@torch.inference_mode()
 def beam_search(
     model: Transformer,
     source_ids: Tensor,
@@ -167,6 +178,29 @@ def beam_search(
         ConfigError: beam_size < 1, num_return outside [1, beam_size], or
             max_new_tokens outside [1, max_length - 1].
     """
+    with torch.inference_mode():
+        ids, scores = _beam_search(
+            model,
+            source_ids,
+            max_new_tokens,
+            beam_size,
+            length_penalty,
+            num_return,
+            use_cache,
+        )
+    # Ordinary tensors, as in greedy_search.
+    return ids.clone(), scores.clone()
+
+
+def _beam_search(
+    model: Transformer,
+    source_ids: Tensor,
+    max_new_tokens: int,
+    beam_size: int,
+    length_penalty: float = 0.6,
+    num_return: int = 1,
+    use_cache: bool = True,
+) -> tuple[Tensor, Tensor]:
     check_decode_request(model, source_ids, max_new_tokens, beam_size, num_return)
     batch = source_ids.shape[0]
 
