@@ -962,7 +962,7 @@ def _random_gradients(fx: Fixture, model: Any, step: int) -> dict[str, np.ndarra
 def _optimizer_snapshots(
     fx: Fixture, train_config: TrainConfig
 ) -> dict[int, tuple[dict, dict]]:
-    # Two checks compare the same three steps; they run once per fixture.
+    # Two checks compare the same three steps, so they run once per fixture.
     key = ("optimizer snapshots", train_config)
     return fx.memo(key, lambda: _run_optimizers(fx, train_config))
 
@@ -1051,8 +1051,8 @@ def _reference_optimizer_pairs(fx: Fixture) -> list[TensorPair]:
     plain = torch.optim.Adam(
         parameters.values(), lr=1.0, betas=(0.9, 0.98), eps=train_config.adam_eps
     )
-    # The rate is a hyperparameter set before each step, so that the step
-    # compiles once; optax.adam itself runs unchanged.
+    # The rate is a hyperparameter set before each step, so the step compiles
+    # once. optax.adam itself runs unchanged.
     transform = optax.inject_hyperparams(optax.adam)(
         learning_rate=0.0, b1=0.9, b2=0.98, eps=train_config.adam_eps
     )

@@ -106,7 +106,7 @@ def test_lora_linear_matches_formula():
 
 @pytest.mark.parametrize(
     "matrix_shape",
-    # in > out takes the transposed weight gradient; in < out the direct one.
+    # in > out takes the transposed weight gradient, in < out the direct one.
     [(7, 5), (5, 7)],
 )
 def test_matmul_rows_gradients_match_matmul(matrix_shape):
@@ -125,7 +125,7 @@ def test_matmul_rows_gradients_match_matmul(matrix_shape):
     )
     for got_grad, want_grad in zip(got, want, strict=True):
         assert got_grad.shape == want_grad.shape
-        # float64; the same products, summed in another order (~1e-16 each).
+        # float64: the same products, summed in another order (~1e-16 each).
         np.testing.assert_allclose(got_grad, want_grad, rtol=0, atol=1e-12)
 
 

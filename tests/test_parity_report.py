@@ -44,8 +44,8 @@ def test_fast_compilation_flag(monkeypatch, before, after):
     assert os.environ["XLA_FLAGS"] == after
 
 
-def test_fast_compilation_flag_too_late_is_not_added(monkeypatch):
-    # XLA has read its flags once JAX's backends run; adding one would mislead.
+def test_fast_compilation_flag_after_start(monkeypatch):
+    # XLA has read its flags once JAX's backends run, so a late flag is left out.
     monkeypatch.setattr(report, "_jax_backends_started", lambda: True)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     use_fast_compilation()

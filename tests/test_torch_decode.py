@@ -213,8 +213,8 @@ def test_greedy_rejects_bad_length():
         greedy_search(model, source, 17)
 
 
-def test_decoded_tensors_are_ordinary():
-    # Decoding runs under inference_mode; what it returns must still allow
+def test_decoded_tensors_allow_edits():
+    # Decoding runs under inference_mode. Its results must still take
     # in-place edits, and the model must still train afterwards.
     model, source = decode_model(), source_batch()
     ids = greedy_search(model, source, MAX_NEW)

@@ -216,6 +216,6 @@ class MultiHeadAttention(nn.Module):
         end = position + new_key.shape[2]
         cache["key"][:, :, position:end] = new_key
         cache["value"][:, :, position:end] = new_value
-        # Only the filled positions are read; the JAX twin reads all L with a
-        # mask because its compiled loop needs fixed shapes.
+        # Only the filled positions are read. The JAX twin reads all L with a
+        # mask, because its compiled loop needs fixed shapes.
         return cache["key"][:, :, :end], cache["value"][:, :, :end]

@@ -16,12 +16,37 @@ ordinary tensors.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
 import torch
 from torch import Tensor
 
 from torch_impl.model import DecodeCache, Transformer
 from twinformer.config import BOS_ID, EOS_ID, PAD_ID
 from twinformer.errors import ConfigError, DataError
+
+Decoder = TypeVar("Decoder", bound=Callable[..., Any])
+
+
+def _ordinary_outputs(decoder: Decoder) -> Decoder:
+    """Run ``decoder`` under ``torch.inference_mode`` and copy its tensors out.
+
+    Inference mode skips autograd's bookkeeping in the decoding loop, but the
+    tensors made in it reject in-place edits later. Copies made outside it
+    are ordinary tensors.
+    """
+
+    @functools.wraps(decoder)
+    def decode(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode():
+            outputs = decoder(*args, **kwargs)
+        if isinstance(outputs, Tensor):
+            return outputs.clone()
+        return tuple(output.clone() for output in outputs)
+
+    return cast(Decoder, decode)
 
 
 def check_decode_request(
@@ -79,6 +104,7 @@ def reorder_cache(cache: DecodeCache, indices: Tensor) -> None:
         entry["value"] = entry["value"].index_select(0, indices)
 
 
+@_ordinary_outputs
 def greedy_search(
     model: Transformer,
     source_ids: Tensor,
@@ -103,19 +129,6 @@ def greedy_search(
     Raises:
         ConfigError: max_new_tokens outside [1, max_length - 1].
     """
-    with torch.inference_mode():
-        ids = _greedy_search(model, source_ids, max_new_tokens, use_cache)
-    # inference_mode skips autograd's bookkeeping in the loop. A copy made
-    # outside it is an ordinary tensor, which callers may edit in place.
-    return ids.clone()
-
-
-def _greedy_search(
-    model: Transformer,
-    source_ids: Tensor,
-    max_new_tokens: int,
-    use_cache: bool = True,
-) -> Tensor:
     check_decode_request(model, source_ids, max_new_tokens)
     memory = model.encode(source_ids)
     cache = model.init_cache(memory, max_new_tokens) if use_cache else None
@@ -141,6 +154,7 @@ def length_penalty_factor(length: int | Tensor, alpha: float) -> float | Tensor:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+@_ordinary_outputs
 def beam_search(
     model: Transformer,
     source_ids: Tensor,
@@ -178,29 +192,6 @@ def beam_search(
         ConfigError: beam_size < 1, num_return outside [1, beam_size], or
             max_new_tokens outside [1, max_length - 1].
     """
-    with torch.inference_mode():
-        ids, scores = _beam_search(
-            model,
-            source_ids,
-            max_new_tokens,
-            beam_size,
-            length_penalty,
-            num_return,
-            use_cache,
-        )
-    # Ordinary tensors, as in greedy_search.
-    return ids.clone(), scores.clone()
-
-
-def _beam_search(
-    model: Transformer,
-    source_ids: Tensor,
-    max_new_tokens: int,
-    beam_size: int,
-    length_penalty: float = 0.6,
-    num_return: int = 1,
-    use_cache: bool = True,
-) -> tuple[Tensor, Tensor]:
     check_decode_request(model, source_ids, max_new_tokens, beam_size, num_return)
     batch = source_ids.shape[0]
 
