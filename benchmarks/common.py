@@ -25,6 +25,7 @@ import numpy as np
 from twinformer.config import PRESETS, ModelConfig
 from twinformer.data import Batch, make_batch
 from twinformer.errors import ConfigError
+from twinformer.host_memory import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
         help="CPU cores for torch and JAX alike; the process is pinned to the "
         "first THREADS cores it may use (default: all of them)",
     )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc settings alone; by default the script first "
+        "calls twinformer.host_memory.keep_freed_memory, as the command line "
+        "does before it builds a JAX model",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     parser.add_argument("--json", default=None, help="also write the record to FILE")
 
@@ -170,6 +178,14 @@ def selected_sizes(args: argparse.Namespace) -> list[Size]:
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
     return [replace(SIZES[name], **overrides) for name in names]
+
+
+def keep_freed_memory_unless(default_malloc: bool) -> bool:
+    """Call ``keep_freed_memory`` unless ``--default-malloc``; return if applied.
+
+    Call before JAX creates its CPU backend, like ``limit_cores``.
+    """
+    return False if default_malloc else keep_freed_memory()
 
 
 def limit_cores(threads: int | None) -> int:
@@ -255,12 +271,13 @@ def time_interleaved(
     return timings
 
 
-def machine_info(threads: int, module: str) -> dict[str, Any]:
+def machine_info(threads: int, module: str, freed_memory_kept: bool) -> dict[str, Any]:
     """Describe the CPU, the library versions and the command line of ``module``."""
     return {
         "cpu": _cpu_model(),
         "logical_cores": os.cpu_count(),
         "threads": threads,
+        "keep_freed_memory": freed_memory_kept,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -291,6 +308,7 @@ def print_machine(info: dict[str, Any]) -> None:
     versions = " ".join(f"{k} {v}" for k, v in info["versions"].items())
     print(f"machine: {info['cpu']}, {info['logical_cores']} logical cores")
     print(f"threads: {info['threads']} for torch and JAX; load {info['load_average']}")
+    print(f"malloc: keep_freed_memory {'on' if info['keep_freed_memory'] else 'off'}")
     print(f"versions: python {info['python']} {versions}")
     print(f"command: {info['command']}")
 

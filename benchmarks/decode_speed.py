@@ -32,6 +32,7 @@ import torch
 from benchmarks.common import (
     Size,
     add_common_arguments,
+    keep_freed_memory_unless,
     limit_cores,
     machine_info,
     print_candidates,
@@ -195,8 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for size in selected_sizes(args)
     ]
     threads = limit_cores(args.threads)
+    freed_memory_kept = keep_freed_memory_unless(args.default_malloc)
     torch.set_num_threads(threads)
-    info = machine_info(threads, "benchmarks.decode_speed")
+    info = machine_info(threads, "benchmarks.decode_speed", freed_memory_kept)
     print_machine(info)
     print(f"timing: median of {args.repeats} calls after {args.warmup} untimed")
 

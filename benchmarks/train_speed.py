@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from benchmarks.common import (
     Size,
     add_common_arguments,
+    keep_freed_memory_unless,
     limit_cores,
     machine_info,
     print_candidates,
@@ -220,8 +221,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     sizes = selected_sizes(args)
     threads = limit_cores(args.threads)
+    freed_memory_kept = keep_freed_memory_unless(args.default_malloc)
     torch.set_num_threads(threads)
-    info = machine_info(threads, "benchmarks.train_speed")
+    info = machine_info(threads, "benchmarks.train_speed", freed_memory_kept)
     print_machine(info)
     print(
         f"timing: median of {args.repeats} repeats of {args.steps} steps each, "

@@ -38,6 +38,7 @@ from twinformer.data import (
     shuffled_batches,
 )
 from twinformer.errors import CheckpointError, ConfigError, DataError
+from twinformer.host_memory import keep_freed_memory
 from twinformer.metrics import bleu, chrf, exact_match, token_accuracy
 from twinformer.runner import Runner
 from twinformer.tasks import (
@@ -78,6 +79,8 @@ EVAL_BATCH_SIZE = 64
 def load_runner_class(framework: str) -> type[Runner]:
     """Import the ``Runner`` of one twin; only that framework gets imported.
 
+    For JAX it first calls ``keep_freed_memory`` (``twinformer.host_memory``).
+
     Raises:
         ConfigError: ``framework`` is not "torch" or "jax".
     """
@@ -86,6 +89,8 @@ def load_runner_class(framework: str) -> type[Runner]:
 
         return TorchRunner
     if framework == "jax":
+        # Before JAX starts its CPU backend; see twinformer.host_memory.
+        keep_freed_memory()
         from jax_impl.runner import Runner as JaxRunner
 
         return JaxRunner
