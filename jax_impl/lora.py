@@ -61,8 +61,18 @@ def dropout(
     """
     if deterministic or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    keep_prob = 1.0 - rate
+    # JAX difference: an entry is kept when sqrt(u) < sqrt(keep_prob) for a
+    # uniform float32 u, not when u < keep_prob. Since sqrt is monotonic, the
+    # two masks differ only when u is within about 2^-24 of keep_prob, below
+    # the 2^-23 spacing of the uniform draws. XLA counts the square root as
+    # expensive, so it computes the mask once and keeps it for the backward
+    # pass. With the plain comparison it computed the random bits again in
+    # each of the mask's three users, forward and backward. Measured on one
+    # CPU core at d_model 256, this took a training step from 562 to 545 ms.
+    uniform = jax.random.uniform(key, x.shape, jnp.float32)
+    keep = jnp.sqrt(uniform) < np.float32(math.sqrt(keep_prob))
+    return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
 
 
 def split_dropout_key(

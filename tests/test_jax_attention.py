@@ -106,6 +106,26 @@ def test_attend_fully_masked_row_zero(attend):
 
 
 @pytest.mark.parametrize("attend", [attend_manual, attend_fused])
+def test_attend_row_without_keys_in_padding_mask_zero(attend):
+    # A padding mask (B, 1, 1, K) whose batch row 2 has no key at all: the
+    # fused path zeroes that row's values rather than its output.
+    inputs = _inputs(jnp.float64)
+    lengths = np.array([KEYS, 8, 0])
+    mask = jnp.asarray(np.arange(KEYS)[None, :] < lengths[:, None])[:, None, None, :]
+    output = attend(*inputs, mask)
+    assert bool(jnp.all(output[2] == 0.0))
+    # The other rows are the manual path's (float64, to float32 softmax
+    # rounding as in test_attend_manual_matches_fused).
+    expected = attend_manual(*inputs, mask)
+    assert _relative_error(output[:2], expected[:2]) < 1e-6
+    grads = _grads(attend, mask, inputs)
+    for grad in grads:
+        assert bool(jnp.all(jnp.isfinite(grad)))
+        # Nothing of row 2 reaches the output, so nothing of it gets gradient.
+        assert bool(jnp.all(grad[2] == 0.0))
+
+
+@pytest.mark.parametrize("attend", [attend_manual, attend_fused])
 def test_attend_combined_mask_hides_keys(attend):
     query, key, value = _inputs(jnp.float64)
     # Causal (1, 1, Q, K) with queries at key positions 2..12, and padding
