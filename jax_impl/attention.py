@@ -102,9 +102,9 @@ def attend_fused(
     # The library averages the values for a row with every key masked; such
     # rows must give zeros instead.
     if mask.shape[-2] == 1:
-        # JAX difference: every query sees the same keys here (a padding
-        # mask), so zeroing the values of a batch row without keys zeroes its
-        # output. That costs less than zeroing the output: 3.6 against 4.9 ms
+        # JAX difference: with a padding mask every query may attend to the
+        # same keys, so zeroing the values of a batch row without keys zeroes
+        # its output. That costs less than zeroing the output: 3.6 against 4.9 ms
         # for this function's forward and backward pass at B=32, Q=K=32, H=4,
         # E=64 on one CPU core.
         has_key = jnp.swapaxes(jnp.any(mask, axis=-1), 1, 2)[..., None]  # (B, 1, H, 1)

@@ -67,7 +67,7 @@ def test_temporary_buffer_pages_are_reused():
     assert _faults_per_call("keep") < BUFFER_PAGES / 50
 
 
-def test_without_glibc_nothing_is_changed(monkeypatch):
+def test_no_glibc_changes_nothing(monkeypatch):
     monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("", ""))
 
     def no_libc(*args):
@@ -77,7 +77,7 @@ def test_without_glibc_nothing_is_changed(monkeypatch):
     assert host_memory.keep_freed_memory() is False
 
 
-def test_jax_runner_class_keeps_freed_memory_first(monkeypatch):
+def test_jax_runner_keeps_freed_memory(monkeypatch):
     calls = []
     monkeypatch.setattr(training, "keep_freed_memory", lambda: calls.append(1))
     training.load_runner_class("torch")

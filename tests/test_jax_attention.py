@@ -106,7 +106,7 @@ def test_attend_fully_masked_row_zero(attend):
 
 
 @pytest.mark.parametrize("attend", [attend_manual, attend_fused])
-def test_attend_row_without_keys_in_padding_mask_zero(attend):
+def test_attend_keyless_padding_row_zero(attend):
     # A padding mask (B, 1, 1, K) whose batch row 2 has no key at all: the
     # fused path zeroes that row's values rather than its output.
     inputs = _inputs(jnp.float64)

@@ -131,7 +131,7 @@ def test_matmul_rows_gradients_match_matmul(matrix_shape):
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.2, 0.5])
-def test_dropout_mask_is_the_uniform_comparison(rate):
+def test_dropout_mask_matches_textbook(rate):
     # dropout keeps an entry when sqrt(u) < sqrt(1 - rate); the textbook mask
     # is u < 1 - rate for the same uniform draw u. They may differ only where
     # u lies within one spacing of the float32 uniform grid (2^-23) of 1 - rate.
@@ -152,7 +152,7 @@ def test_dropout_mask_is_the_uniform_comparison(rate):
     assert abs(kept.mean() - keep_prob) < spread
 
 
-def test_dropout_gradient_uses_the_forward_mask():
+def test_dropout_gradient_uses_forward_mask():
     key = jax.random.key(8, impl="philox2x32")
     x = jnp.asarray(np.random.default_rng(4).normal(size=(16, 33)), jnp.float32)
     out, pullback = jax.vjp(lambda v: dropout(v, 0.3, key, False), x)

@@ -2,7 +2,7 @@
 
 XLA's CPU runtime allocates one temporary buffer per call of a compiled
 function, from one of its worker threads. A mid-sized training step
-(d_model 256, 4+4 layers, batch 32 x 32 tokens) asks for 190 MB. glibc
+(d_model 256, 4+4 layers, batch 32 x 32 tokens) requests 190 MB. glibc
 serves a request above 64 MB from a worker thread's arena with a fresh
 ``mmap`` and unmaps it again on ``free``. So each step touches 46,000 new
 pages; on a 2-core machine that cost about 70 ms of system time per
