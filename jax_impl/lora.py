@@ -64,12 +64,12 @@ def dropout(
     keep_prob = 1.0 - rate
     # JAX difference: an entry is kept when sqrt(u) < sqrt(keep_prob) for a
     # uniform float32 u, not when u < keep_prob. Since sqrt is monotonic, the
-    # two masks differ only when u is within about 2^-24 of keep_prob, below
-    # the 2^-23 spacing of the uniform draws. XLA counts the square root as
-    # expensive, so it computes the mask once and keeps it for the backward
-    # pass. With the plain comparison it computed the random bits again in
-    # each of the mask's three users, forward and backward. Measured on one
-    # CPU core at d_model 256, this took a training step from 562 to 545 ms.
+    # two masks differ at most for the one grid value of u (spacing 2^-23)
+    # nearest keep_prob. XLA counts the square root as expensive, so it
+    # computes the mask once and keeps it for the backward pass (23 MB more
+    # temporary memory in a d_model 256, 4+4 layer step of 32 x 32 tokens).
+    # With the plain comparison XLA computed the random bits again in each of
+    # the mask's three users, and the step took 2.8% longer on one CPU core.
     uniform = jax.random.uniform(key, x.shape, jnp.float32)
     keep = jnp.sqrt(uniform) < np.float32(math.sqrt(keep_prob))
     return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))

@@ -24,12 +24,13 @@ from twinformer.errors import ConfigError, TwinformerError  # noqa: E402
 
 # 2 heads of 7, lengths 11 and 13, vocabulary 37: a swapped axis cannot pass.
 # Dropout 0 leaves the random-bit ops out of the compiled JAX train step,
-# which shortens its compile.
+# which shortens its compile. --default-malloc keeps the malloc settings of
+# twinformer.host_memory out of the test process.
 TINY = [
     "--sizes", "small", "--model-dim", "14", "--num-heads", "2", "--ff-dim", "19",
     "--num-layers", "1", "--vocab-size", "37", "--batch-size", "3",
     "--source-length", "11", "--target-length", "13", "--repeats", "1",
-    "--warmup", "0", "--dropout", "0",
+    "--warmup", "0", "--dropout", "0", "--default-malloc",
 ]  # fmt: skip
 
 

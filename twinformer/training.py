@@ -38,7 +38,11 @@ from twinformer.data import (
     shuffled_batches,
 )
 from twinformer.errors import CheckpointError, ConfigError, DataError
-from twinformer.host_memory import keep_freed_memory
+from twinformer.host_memory import (
+    REUSED_BY_DEFAULT,
+    keep_freed_memory,
+    training_buffer_estimate,
+)
 from twinformer.metrics import bleu, chrf, exact_match, token_accuracy
 from twinformer.runner import Runner
 from twinformer.tasks import (
@@ -79,8 +83,6 @@ EVAL_BATCH_SIZE = 64
 def load_runner_class(framework: str) -> type[Runner]:
     """Import the ``Runner`` of one twin; only that framework gets imported.
 
-    For JAX it first calls ``keep_freed_memory`` (``twinformer.host_memory``).
-
     Raises:
         ConfigError: ``framework`` is not "torch" or "jax".
     """
@@ -89,8 +91,6 @@ def load_runner_class(framework: str) -> type[Runner]:
 
         return TorchRunner
     if framework == "jax":
-        # Before JAX starts its CPU backend; see twinformer.host_memory.
-        keep_freed_memory()
         from jax_impl.runner import Runner as JaxRunner
 
         return JaxRunner
@@ -484,6 +484,8 @@ def _train_into(staging: Path, request: TrainRequest) -> dict[str, Any]:
     _warn_unknown(start.tokenizer, encoded_train)
     _write_run_files(staging, request, start, valid)
 
+    if request.framework == "jax":
+        _keep_freed_memory_if_large(start.model_config, config, encoded_train)
     runner = runner_class(
         start.model_config, config, request.lora_config, start.base_tensors
     )
@@ -510,6 +512,19 @@ def _train_into(staging: Path, request: TrainRequest) -> dict[str, Any]:
     summary = fit(runner, batches, evaluate, config, metrics_path)
     _write_weights(staging, runner, start, request.lora_config)
     return summary
+
+
+def _keep_freed_memory_if_large(
+    model_config: ModelConfig, config: TrainConfig, encoded: EncodedPairs
+) -> None:
+    # Runs before the Runner starts JAX's CPU backend; see twinformer.host_memory.
+    longest = max(len(ids) for ids in [*encoded.sources, *encoded.targets]) + 1
+    estimate = training_buffer_estimate(model_config, config.batch_size, longest)
+    if estimate > REUSED_BY_DEFAULT and keep_freed_memory():
+        logger.info(
+            "keeping freed memory for reuse: a training step needs about %d MB",
+            estimate // 2**20,
+        )
 
 
 def train_run(request: TrainRequest) -> dict[str, Any]:
