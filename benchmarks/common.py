@@ -25,7 +25,6 @@ import numpy as np
 from twinformer.config import PRESETS, ModelConfig
 from twinformer.data import Batch, make_batch
 from twinformer.errors import ConfigError
-from twinformer.host_memory import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
         action="store_true",
         help="leave glibc's malloc settings alone; by default the script first "
         "calls twinformer.host_memory.keep_freed_memory, as the command line "
-        "does before it builds a JAX model",
+        "does before a JAX training run with a large step",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     parser.add_argument("--json", default=None, help="also write the record to FILE")
@@ -178,14 +177,6 @@ def selected_sizes(args: argparse.Namespace) -> list[Size]:
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
     return [replace(SIZES[name], **overrides) for name in names]
-
-
-def keep_freed_memory_unless(default_malloc: bool) -> bool:
-    """Call ``keep_freed_memory`` unless ``--default-malloc``; return if applied.
-
-    Call before JAX creates its CPU backend, like ``limit_cores``.
-    """
-    return False if default_malloc else keep_freed_memory()
 
 
 def limit_cores(threads: int | None) -> int:

@@ -32,7 +32,6 @@ import torch
 from benchmarks.common import (
     Size,
     add_common_arguments,
-    keep_freed_memory_unless,
     limit_cores,
     machine_info,
     print_candidates,
@@ -44,6 +43,7 @@ from benchmarks.common import (
 )
 from twinformer.config import EOS_ID, ModelConfig
 from twinformer.errors import TwinformerError
+from twinformer.host_memory import keep_freed_memory
 
 TORCH, JAX = "torch twin", "jax twin"
 
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for size in selected_sizes(args)
     ]
     threads = limit_cores(args.threads)
-    freed_memory_kept = keep_freed_memory_unless(args.default_malloc)
+    # Before JAX creates its CPU backend, like limit_cores.
+    freed_memory_kept = not args.default_malloc and keep_freed_memory()
     torch.set_num_threads(threads)
     info = machine_info(threads, "benchmarks.decode_speed", freed_memory_kept)
     print_machine(info)

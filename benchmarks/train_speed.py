@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from benchmarks.common import (
     Size,
     add_common_arguments,
-    keep_freed_memory_unless,
     limit_cores,
     machine_info,
     print_candidates,
@@ -46,6 +45,7 @@ from benchmarks.common import (
 from twinformer.config import PAD_ID, ModelConfig, TrainConfig
 from twinformer.data import Batch
 from twinformer.errors import TwinformerError
+from twinformer.host_memory import keep_freed_memory
 
 TWIN, REFERENCE, JAX = "torch twin", "nn.Transformer", "jax twin"
 
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     sizes = selected_sizes(args)
     threads = limit_cores(args.threads)
-    freed_memory_kept = keep_freed_memory_unless(args.default_malloc)
+    # Before JAX creates its CPU backend, like limit_cores.
+    freed_memory_kept = not args.default_malloc and keep_freed_memory()
     torch.set_num_threads(threads)
     info = machine_info(threads, "benchmarks.train_speed", freed_memory_kept)
     print_machine(info)

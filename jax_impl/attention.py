@@ -99,8 +99,9 @@ def attend_fused(
         query (B, Q, H, E), key and value (B, K, H, E), mask broadcastable to
         (B, H, Q, K) -> (B, Q, H, E).
     """
-    # The library averages the values for a row with every key masked; such
-    # rows must give zeros instead.
+    # The library averages the values for a row with every key masked, but
+    # such rows must give zeros. has_key is (B, Q or 1, H, 1).
+    has_key = jnp.swapaxes(jnp.any(mask, axis=-1), 1, 2)[..., None]
     if mask.shape[-2] == 1:
         # JAX difference: with a padding mask every query may attend to the
         # same keys, so zeroing the values of a batch row without keys zeroes
@@ -108,11 +109,9 @@ def attend_fused(
         # NOTE: this relies on the library's XLA implementation (the default
         # in jax 0.10.2), which fills masked scores with a finite number, so
         # that a row without keys averages the zeroed values.
-        has_key = jnp.swapaxes(jnp.any(mask, axis=-1), 1, 2)[..., None]  # (B, 1, H, 1)
         value = jnp.where(has_key, value, jnp.zeros_like(value))
         return jax.nn.dot_product_attention(query, key, value, mask=mask)
     output = jax.nn.dot_product_attention(query, key, value, mask=mask)
-    has_key = jnp.swapaxes(jnp.any(mask, axis=-1), 1, 2)[..., None]  # (B, Q, H, 1)
     return jnp.where(has_key, output, jnp.zeros_like(output))
 
 

@@ -114,8 +114,8 @@ def test_attend_keyless_padding_row_zero(attend):
     mask = jnp.asarray(np.arange(KEYS)[None, :] < lengths[:, None])[:, None, None, :]
     output = attend(*inputs, mask)
     assert bool(jnp.all(output[2] == 0.0))
-    # The other rows are the manual path's (float64, to float32 softmax
-    # rounding as in test_attend_manual_matches_fused).
+    # The other rows match the manual path to the float32 rounding of the
+    # library's softmax, as in test_attend_manual_matches_fused.
     expected = attend_manual(*inputs, mask)
     assert _relative_error(output[:2], expected[:2]) < 1e-6
     grads = _grads(attend, mask, inputs)

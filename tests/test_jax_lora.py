@@ -132,7 +132,7 @@ def test_matmul_rows_gradients_match_matmul(matrix_shape):
 
 @pytest.mark.parametrize("rate", [0.1, 0.2, 0.5])
 def test_dropout_mask_matches_textbook(rate):
-    # dropout keeps an entry when sqrt(u) < sqrt(1 - rate); the textbook mask
+    # dropout keeps an entry when sqrt(u) < sqrt(1 - rate). The textbook mask
     # is u < 1 - rate for the same uniform draw u. They may differ only where
     # u lies within one spacing of the float32 uniform grid (2^-23) of 1 - rate.
     key = jax.random.key(7, impl="philox2x32")
@@ -141,15 +141,17 @@ def test_dropout_mask_matches_textbook(rate):
     uniform = np.asarray(jax.random.uniform(key, x.shape, jnp.float32))
     keep_prob = 1.0 - rate
 
-    kept = out != 0
+    kept_mask = out != 0
     textbook = uniform < np.float32(keep_prob)
     near = np.abs(uniform - keep_prob) <= 2.0**-23
-    assert np.array_equal(kept[~near], textbook[~near])
+    assert np.array_equal(kept_mask[~near], textbook[~near])
     # Kept entries are scaled by 1 / (1 - rate), in float32 arithmetic.
-    np.testing.assert_array_equal(out[kept], np.float32(3.0) / np.float32(keep_prob))
+    np.testing.assert_array_equal(
+        out[kept_mask], np.float32(3.0) / np.float32(keep_prob)
+    )
     # 16,448 draws: the kept fraction lies within 5 standard deviations.
     spread = 5 * np.sqrt(keep_prob * rate / x.size)
-    assert abs(kept.mean() - keep_prob) < spread
+    assert abs(kept_mask.mean() - keep_prob) < spread
 
 
 def test_dropout_gradient_uses_forward_mask():
@@ -157,9 +159,9 @@ def test_dropout_gradient_uses_forward_mask():
     x = jnp.asarray(np.random.default_rng(4).normal(size=(16, 33)), jnp.float32)
     out, pullback = jax.vjp(lambda v: dropout(v, 0.3, key, False), x)
     (grad,) = pullback(jnp.ones_like(x))
-    kept = np.asarray(out) != 0
-    np.testing.assert_array_equal(np.asarray(grad) != 0, kept)
-    np.testing.assert_allclose(np.asarray(grad)[kept], 1 / 0.7, rtol=1e-6)
+    kept_mask = np.asarray(out) != 0
+    np.testing.assert_array_equal(np.asarray(grad) != 0, kept_mask)
+    np.testing.assert_allclose(np.asarray(grad)[kept_mask], 1 / 0.7, rtol=1e-6)
 
 
 def test_fresh_adapter_leaves_output_unchanged(params, run):

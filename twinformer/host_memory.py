@@ -76,7 +76,7 @@ def training_buffer_estimate(config: ModelConfig, batch_size: int, length: int) 
     Args:
         config: the model's shape.
         batch_size: sequence pairs per batch.
-        length: the longest sequence of a batch, in tokens.
+        length: the maximum sequence length of a batch, in tokens.
     """
     layers = config.num_encoder_layers + config.num_decoder_layers
     floats_per_position = 25 * layers * config.model_dim + 3 * config.target_vocab_size

@@ -518,8 +518,9 @@ def _keep_freed_memory_if_large(
     model_config: ModelConfig, config: TrainConfig, encoded: EncodedPairs
 ) -> None:
     # Runs before the Runner starts JAX's CPU backend; see twinformer.host_memory.
-    longest = max(len(ids) for ids in [*encoded.sources, *encoded.targets]) + 1
-    estimate = training_buffer_estimate(model_config, config.batch_size, longest)
+    # The decoder reads a target with BOS in front, hence the + 1.
+    max_tokens = max(len(ids) for ids in [*encoded.sources, *encoded.targets]) + 1
+    estimate = training_buffer_estimate(model_config, config.batch_size, max_tokens)
     if estimate > REUSED_BY_DEFAULT and keep_freed_memory():
         logger.info(
             "keeping freed memory for reuse: a training step needs about %d MB",
